@@ -1,0 +1,133 @@
+"""Plots of per-impurity scores drawn over the watershed label image.
+
+Colouring goes through a lookup table indexed by label, so one plot costs
+one array indexing pass over the label image, whatever the impurity count.
+Large scans are reduced with area averaging to the figure's pixel size
+before matplotlib draws them, which keeps a plot of a 3,400 x 2,500 px scan
+well under a second.
+"""
+
+import os
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import atomic_io  # noqa: E402
+from impurity_extract import FIRST_IMPURITY_LABEL  # noqa: E402
+
+#: Long side of the drawn scan in the saved figure, in px.
+PLOT_LONG_SIDE_PX = 1600
+
+#: Resolution of saved figures, in dots per inch.
+PLOT_DPI = 100
+
+WHITE = np.array([1.0, 1.0, 1.0])
+
+
+def colour_by_id(markers, id_colours, background=WHITE):
+    """Paint every impurity of a label image with the colour of its id.
+
+    Parameters
+    ----------
+    markers : (H, W) int32 ndarray
+        Watershed label image: -1 boundaries, 1 background, ``i + 2`` for
+        impurity id ``i``.
+    id_colours : (n, 3) float ndarray
+        RGB colour from 0 to 1 for each impurity id.
+    background : (3,) float ndarray
+        RGB colour of the background and of the watershed boundaries.
+
+    Returns
+    -------
+    (H, W, 3) float32 ndarray
+        The painted RGB image.
+    """
+    id_colours = np.asarray(id_colours, dtype=np.float32).reshape(-1, 3)
+    n_ids = len(id_colours)
+
+    # Row 0 of the table serves label -1, row 1 label 0 (never left by the
+    # watershed), row 2 the background label 1, and row i + 3 impurity id i.
+    table = np.empty((n_ids + FIRST_IMPURITY_LABEL + 1, 3), dtype=np.float32)
+    table[: FIRST_IMPURITY_LABEL + 1] = background
+    table[FIRST_IMPURITY_LABEL + 1 :] = id_colours
+
+    return table[markers + 1]
+
+
+def _reduce_for_display(rgb):
+    height, width = rgb.shape[:2]
+    scale = PLOT_LONG_SIDE_PX / max(height, width)
+    if scale >= 1.0:
+        return rgb
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def draw_image_figure(rgb, title, colormap=None, colorbar_label=None, vmin=0.0, vmax=1.0):
+    """Draw an RGB image in a figure with a title and an optional colorbar.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) float ndarray
+        Image with values from 0 to 1.
+    title : str
+        Figure title.
+    colormap : str or None
+        Name of the colormap that the colorbar shows; no colorbar if None.
+    colorbar_label : str or None
+        Label of the colorbar.
+    vmin, vmax : float
+        Range of the colorbar.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    display = _reduce_for_display(rgb)
+    height, width = display.shape[:2]
+    figure = plt.figure(
+        figsize=(width / PLOT_DPI + 1.4, height / PLOT_DPI + 0.6), dpi=PLOT_DPI, layout="constrained"
+    )
+    axes = figure.add_subplot()
+    axes.imshow(np.clip(display, 0.0, 1.0), interpolation="nearest")
+    axes.set_axis_off()
+    axes.set_title(title)
+
+    if colormap is not None:
+        mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=colormap)
+        colorbar = figure.colorbar(mappable, ax=axes, fraction=0.05, pad=0.01)
+        if colorbar_label:
+            colorbar.set_label(colorbar_label)
+    return figure
+
+
+def save_score_plot(markers, scores, path, title, colorbar_label="score"):
+    """Save a plot of the impurities coloured by score with jet on white.
+
+    Parameters
+    ----------
+    markers : (H, W) int32 ndarray
+        Watershed label image.
+    scores : (n,) float ndarray
+        Score of each impurity id, from 0 to 1.
+    path : str or os.PathLike
+        PNG file to write; written atomically.
+    title : str
+        Figure title.
+    colorbar_label : str
+        Label of the colorbar, which runs from 0 to 1.
+    """
+    scores = np.clip(np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0), 0.0, 1.0)
+    id_colours = matplotlib.colormaps["jet"](scores)[:, :3]
+    rgb = colour_by_id(markers, id_colours)
+
+    figure = draw_image_figure(rgb, title, colormap="jet", colorbar_label=colorbar_label)
+    try:
+        atomic_io.save_figure(os.fspath(path), figure, dpi=PLOT_DPI)
+    finally:
+        plt.close(figure)
