@@ -1,0 +1,138 @@
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import atomic_io
+
+
+def test_write_json_round_trip(tmp_path):
+    path = tmp_path / "sub" / "log.json"
+
+    atomic_io.write_json(path, [{"scan_name": "a", "score": 0.5}])
+
+    assert atomic_io.read_json(path) == [{"scan_name": "a", "score": 0.5}]
+
+
+def test_nan_rejected_old_file_kept(tmp_path):
+    path = tmp_path / "log.json"
+    atomic_io.write_json(path, {"value": 1})
+
+    with pytest.raises(ValueError):
+        atomic_io.write_json(path, {"value": float("nan")})
+
+    assert json.loads(path.read_text()) == {"value": 1}
+    assert os.listdir(tmp_path) == ["log.json"]
+
+
+def test_failed_write_leaves_no_temporary(tmp_path):
+    path = tmp_path / "table.csv"
+
+    with pytest.raises(RuntimeError):
+        with atomic_io.atomic_path(path) as temp_path:
+            with open(temp_path, "w") as handle:
+                handle.write("partial")
+            raise RuntimeError("interrupted")
+
+    assert not path.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_temporary_keeps_extension(tmp_path):
+    with atomic_io.atomic_path(tmp_path / "plot.png") as temp_path:
+        assert temp_path.endswith(".png")
+        assert os.path.dirname(temp_path) == str(tmp_path)
+        with open(temp_path, "wb") as handle:
+            handle.write(b"x")
+
+
+def test_write_csv(tmp_path):
+    path = tmp_path / "table.csv"
+
+    atomic_io.write_csv(path, pd.DataFrame({"id": [0, 1], "area_px": [4, 9]}))
+
+    assert path.read_text().splitlines() == ["id,area_px", "0,4", "1,9"]
+
+
+def test_write_png(tmp_path):
+    import cv2
+
+    image = np.zeros((3, 4), np.uint8)
+    image[1, 2] = 200
+    atomic_io.write_png(tmp_path / "a.png", image)
+
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_UNCHANGED), image)
+
+
+def test_corrupt_json_names_file(tmp_path):
+    path = tmp_path / "log.json"
+    path.write_text("[{")
+
+    with pytest.raises(ValueError, match="log.json"):
+        atomic_io.read_json(path)
+
+
+def test_missing_json_gives_default(tmp_path):
+    assert atomic_io.read_json(tmp_path / "none.json", default=[]) == []
+
+
+def test_folder_that_is_a_file(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+
+    with pytest.raises(atomic_io.OutputError, match="blocker"):
+        atomic_io.ensure_dir(blocker)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses folder permissions")
+def test_read_only_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(atomic_io.OutputError, match="not writable"):
+            atomic_io.ensure_dir(folder)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_lock_excludes_second_holder(tmp_path):
+    order = []
+
+    def hold():
+        with atomic_io.folder_lock(tmp_path):
+            order.append("first in")
+            time.sleep(0.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    time.sleep(0.1)
+    with atomic_io.folder_lock(tmp_path, poll_s=0.05):
+        order.append("second in")
+    thread.join()
+
+    assert order == ["first in", "first out", "second in"]
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_lock_timeout_message(tmp_path):
+    with atomic_io.folder_lock(tmp_path):
+        with pytest.raises(atomic_io.LockTimeout, match="locked by another run"):
+            with atomic_io.folder_lock(tmp_path, timeout_s=0.2, poll_s=0.05):
+                pass
+
+
+def test_stale_lock_taken_over(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    (tmp_path / ".lock").write_text(str(dead_pid))
+
+    with atomic_io.folder_lock(tmp_path, timeout_s=1.0):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
