@@ -86,6 +86,12 @@ def atomic_path(path):
         raise OutputError(f"cannot write into {folder}: {error.strerror}; choose a writable folder") from error
     os.close(handle)
 
+    # mkstemp creates the file as 0600; give it the permissions of a normal
+    # new file under the current umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_path, 0o666 & ~umask)
+
     try:
         yield temp_path
         _fsync_file(temp_path)

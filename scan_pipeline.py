@@ -277,30 +277,29 @@ def run_scans(scan_paths, config, model):
     RunSummary
     """
     from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     summary = RunSummary()
     finished = set() if config.overwrite else finished_scans(config)
 
-    with logging_redirect_tqdm():
-        for path in tqdm(scan_paths, desc="scans", unit="scan", disable=None):
-            name = scan_name(path)
-            if name in finished:
-                logger.info("%s: results exist, skipped (pass --overwrite to redo it)", name)
-                summary.skipped += 1
-                continue
+    # The bar is drawn only on a terminal (disable=None), so logs stay clean.
+    for path in tqdm(scan_paths, desc="scans", unit="scan", disable=None):
+        name = scan_name(path)
+        if name in finished:
+            logger.info("%s: results exist, skipped (pass --overwrite to redo it)", name)
+            summary.skipped += 1
+            continue
 
-            started = time.perf_counter()
-            try:
-                n_impurities = process_scan(path, config, model)
-            except (ScanReadError, ValueError) as error:
-                logger.error("%s: failed: %s", name, error)
-                logger.debug("traceback of the failure of %s", name, exc_info=True)
-                summary.failed.append(path)
-                continue
+        started = time.perf_counter()
+        try:
+            n_impurities = process_scan(path, config, model)
+        except (ScanReadError, ValueError) as error:
+            logger.error("%s: failed: %s", name, error)
+            logger.debug("traceback of the failure of %s", name, exc_info=True)
+            summary.failed.append(path)
+            continue
 
-            logger.info("%s: %d impurities, %.1f s", name, n_impurities, time.perf_counter() - started)
-            summary.processed += 1
+        logger.info("%s: %d impurities, %.1f s", name, n_impurities, time.perf_counter() - started)
+        summary.processed += 1
 
     logger.info("%d scans processed, %d skipped as finished, %d failed", summary.processed, summary.skipped, len(summary.failed))
     return summary
@@ -332,18 +331,17 @@ def print_order(config, names=None):
     """
     entries = _read_log_entries(config)
     ordered = area_anomaly.order_clusters(entries)
-    if config.order_key not in ordered:
-        known = ", ".join(ordered)
-        raise ValueError(f"--order_key={config.order_key!r} is not an order key; use one of: {known}")
 
+    logged = {entry["scan_name"] for entry in entries}
     if names is None:
         names = [entry["scan_name"] for entry in entries]
-    missing = sorted(set(names) - {entry["scan_name"] for entry in entries})
+    missing = [name for name in names if name not in logged]
     if missing:
-        logger.warning("no clusters log entry for %d scans: %s", len(missing), ", ".join(missing))
+        logger.warning("no clusters log entry for %d scans, not printed: %s", len(missing), ", ".join(missing))
+    names = [name for name in names if name in logged]
 
     rows = area_anomaly.order_rows(ordered, names, config.order_key)
-    print(area_anomaly.format_order_rows(rows))
+    print(area_anomaly.format_order_table(rows))
     csv_path = os.path.join(config.area_anomaly_dir, f"order_{config.order_key}.csv")
     area_anomaly.write_order_csv(rows, csv_path)
     return rows

@@ -136,3 +136,13 @@ def test_stale_lock_taken_over(tmp_path):
 
     with atomic_io.folder_lock(tmp_path, timeout_s=1.0):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_new_file_follows_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_io.write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(previous)
+
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
