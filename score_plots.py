@@ -11,14 +11,13 @@ import os
 
 import cv2
 import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import atomic_io  # noqa: E402
-from impurity_extract import FIRST_IMPURITY_LABEL  # noqa: E402
+import atomic_io
+from impurity_extract import FIRST_IMPURITY_LABEL
 
 #: Long side of the drawn scan in the saved figure, in px.
 PLOT_LONG_SIDE_PX = 1600
@@ -68,21 +67,24 @@ def _reduce_for_display(rgb):
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
-def draw_image_figure(rgb, title, colormap=None, colorbar_label=None, vmin=0.0, vmax=1.0):
+def draw_image_figure(rgb, title, colormap=None, colorbar_label=None, colorbar_ticks=None):
     """Draw an RGB image in a figure with a title and an optional colorbar.
+
+    The figure is a bare :class:`matplotlib.figure.Figure`, which renders
+    with Agg and never opens a window.
 
     Parameters
     ----------
-    rgb : (H, W, 3) float ndarray
-        Image with values from 0 to 1.
+    rgb : (H, W, 3) ndarray
+        Image, float from 0 to 1 or uint8.
     title : str
         Figure title.
     colormap : str or None
         Name of the colormap that the colorbar shows; no colorbar if None.
     colorbar_label : str or None
-        Label of the colorbar.
-    vmin, vmax : float
-        Range of the colorbar.
+        Label of the colorbar, which runs from 0 to 1.
+    colorbar_ticks : sequence of float or None
+        Tick positions of the colorbar; matplotlib chooses them if None.
 
     Returns
     -------
@@ -90,20 +92,44 @@ def draw_image_figure(rgb, title, colormap=None, colorbar_label=None, vmin=0.0, 
     """
     display = _reduce_for_display(rgb)
     height, width = display.shape[:2]
-    figure = plt.figure(
-        figsize=(width / PLOT_DPI + 1.4, height / PLOT_DPI + 0.6), dpi=PLOT_DPI, layout="constrained"
+    if display.dtype != np.uint8:
+        display = np.clip(display, 0.0, 1.0)
+
+    # Fixed axes positions, in px, instead of a layout engine, which halves
+    # the time to save a figure of this size.
+    margin, title_height, colorbar_width = 10, 40, 110
+    figure_width = width + 2 * margin + (colorbar_width if colormap is not None else 0)
+    figure_height = height + 2 * margin + title_height
+    figure = Figure(figsize=(figure_width / PLOT_DPI, figure_height / PLOT_DPI), dpi=PLOT_DPI)
+
+    axes = figure.add_axes(
+        [margin / figure_width, margin / figure_height, width / figure_width, height / figure_height]
     )
-    axes = figure.add_subplot()
-    axes.imshow(np.clip(display, 0.0, 1.0), interpolation="nearest")
+    axes.imshow(display, interpolation="nearest")
     axes.set_axis_off()
     axes.set_title(title)
 
     if colormap is not None:
-        mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=colormap)
-        colorbar = figure.colorbar(mappable, ax=axes, fraction=0.05, pad=0.01)
+        colorbar_axes = figure.add_axes(
+            [(width + 2 * margin) / figure_width, margin / figure_height, 20 / figure_width, height / figure_height]
+        )
+        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap)
+        colorbar = figure.colorbar(mappable, cax=colorbar_axes, ticks=colorbar_ticks)
         if colorbar_label:
             colorbar.set_label(colorbar_label)
     return figure
+
+
+def save_figure(path, figure):
+    """Save a figure atomically, as PNG with fast compression when ``path`` ends in .png.
+
+    Compression level 1 writes a plot of a full scan about 3 times faster
+    than matplotlib's default level 6, for a file about 12 % larger.
+    """
+    options = {"dpi": PLOT_DPI}
+    if os.fspath(path).lower().endswith(".png"):
+        options["pil_kwargs"] = {"compress_level": 1}
+    atomic_io.save_figure(os.fspath(path), figure, **options)
 
 
 def save_score_plot(markers, scores, path, title, colorbar_label="score"):
@@ -127,7 +153,4 @@ def save_score_plot(markers, scores, path, title, colorbar_label="score"):
     rgb = colour_by_id(markers, id_colours)
 
     figure = draw_image_figure(rgb, title, colormap="jet", colorbar_label=colorbar_label)
-    try:
-        atomic_io.save_figure(os.fspath(path), figure, dpi=PLOT_DPI)
-    finally:
-        plt.close(figure)
+    save_figure(path, figure)
