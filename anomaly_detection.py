@@ -21,6 +21,7 @@ import traceback
 
 from absl import app, flags
 
+import area_anomaly
 import atomic_io
 import scan_pipeline
 
@@ -38,9 +39,17 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models
 # Input and extraction.
 flags.DEFINE_string("input_scans", "./tags_png_cropped/*.png", "Glob of the scans to process (PNG, TIFF, JPEG, ...).")
 flags.DEFINE_integer(
-    "min_threshold", 0, "Gray level from 0 to 255; darker pixels are impurity pixels. Use 30 for the published scans."
+    "min_threshold",
+    0,
+    "Gray level from 0 to 255, on the 8-bit scale that 16-bit scans are scaled to. Pixels at or below it "
+    "are impurity pixels. Use 30 for the published scans.",
 )
-flags.DEFINE_list("k", ["50"], "Comma-separated neighbour ranks k of the spatial score, each at least 1.")
+flags.DEFINE_list(
+    "k",
+    ["50"],
+    "Comma-separated neighbour ranks k of the spatial score (a count of impurities), each at least 1. "
+    "A scan with fewer than k + 1 significant impurities uses k = their count - 1.",
+)
 
 # Stages.
 flags.DEFINE_boolean("detect", True, "Run detection on the input scans. False runs only --order/--print_order.")
@@ -58,7 +67,9 @@ flags.DEFINE_enum(
     "Reconstruction loss scale: 'reference' compares the 0-1 input with the 0-255 post-processed "
     "prediction as the published code does; 'consistent' compares both on the 0-1 scale.",
 )
-flags.DEFINE_boolean("write_crops", False, "Also write the 100x100 impurity crops as PNG into logs/<scan>/crops/.")
+flags.DEFINE_boolean(
+    "write_crops", False, "Also write the 100x100 px impurity crops as PNG into <logs_dir>/<scan>/crops/."
+)
 
 # Training data.
 flags.DEFINE_boolean("prepare_data", False, "Write labelled training crops from --prepare_data_path and split them.")
@@ -66,7 +77,12 @@ flags.DEFINE_string("prepare_data_path", "./tags_png_cropped/", "Folder of scans
 flags.DEFINE_string("data_dir", "./data/", "Root folder of the training data that --prepare_data writes.")
 
 # Area anomaly.
-flags.DEFINE_integer("area_clusters", 10, "Number of initial clusters of market clustering, at least 1.")
+flags.DEFINE_integer(
+    "area_clusters",
+    10,
+    "Number of initial clusters of market clustering, at least 1. A scan with fewer impurities of "
+    "positive score uses one cluster per such impurity.",
+)
 flags.DEFINE_boolean(
     "reference_clustering",
     False,
@@ -84,7 +100,9 @@ flags.DEFINE_string("plots_dir", None, "Folder of the area anomaly plots. Defaul
 flags.DEFINE_boolean("order", False, "Rank the clusters of all scans in the clusters log by every order key.")
 flags.DEFINE_boolean("print_order", False, "Print the rank of each cluster of the input scans by --order_key.")
 flags.DEFINE_string(
-    "order_key", "weighted_area2_sum_mult_diameter_mult_amount", "Order key that --print_order reports."
+    "order_key",
+    "weighted_area2_sum_mult_diameter_mult_amount",
+    f"Order key that --print_order reports, one of: {', '.join(area_anomaly.ORDER_KEYS)}.",
 )
 flags.DEFINE_string(
     "ordered_clusters_scores",
@@ -95,7 +113,9 @@ flags.DEFINE_string("order_histogram", None, "Folder of the rank histograms. Def
 flags.DEFINE_string(
     "save_ordered_dir", None, "Folder of the plots of the top-ranked clusters. Default: <area_anomaly_dir>/ordered/."
 )
-flags.DEFINE_integer("top_ranked", 50, "Number of top-ranked clusters per order key to plot with --order.")
+flags.DEFINE_integer(
+    "top_ranked", 50, "Number of top-ranked clusters per order key to plot with --order; 0 plots none."
+)
 
 
 class UsageError(ValueError):
@@ -167,6 +187,10 @@ def build_config():
         raise UsageError(f"--area_clusters={FLAGS.area_clusters} is invalid: use at least 1 (default 10)")
     if FLAGS.top_ranked < 0:
         raise UsageError(f"--top_ranked={FLAGS.top_ranked} is invalid: use 0 or more")
+    if FLAGS.order_key not in area_anomaly.ORDER_KEYS:
+        raise UsageError(
+            f"--order_key={FLAGS.order_key} is invalid: use one of {', '.join(area_anomaly.ORDER_KEYS)}"
+        )
 
     area_dir = FLAGS.area_anomaly_dir
     return scan_pipeline.PipelineConfig(
@@ -202,6 +226,26 @@ def _scans_for_ordering():
         return None
 
 
+def _check_output_folders(config):
+    """Create every output folder that the selected stages write into.
+
+    This fails before the first scan, rather than after hours of detection,
+    when a folder cannot be created or written.
+    """
+    folders = [config.logs_dir, config.area_anomaly_dir]
+    if FLAGS.detect:
+        folders += [os.path.dirname(os.path.abspath(config.clusters_log)), config.plots_dir]
+    if FLAGS.order:
+        folders += [
+            os.path.dirname(os.path.abspath(config.ordered_clusters_scores)),
+            config.order_histogram_dir,
+        ]
+        if config.top_ranked > 0:
+            folders.append(config.save_ordered_dir)
+    for folder in folders:
+        atomic_io.ensure_dir(folder)
+
+
 def execute():
     """Run the stages that the flags select and return the exit status."""
     config = build_config()
@@ -213,8 +257,7 @@ def execute():
         return 0
 
     scan_paths = _scans_for_ordering()
-    atomic_io.ensure_dir(config.logs_dir)
-    atomic_io.ensure_dir(config.area_anomaly_dir)
+    _check_output_folders(config)
 
     failed = []
     if FLAGS.detect:

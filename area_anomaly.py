@@ -455,7 +455,8 @@ def run_market_clustering(boxes, areas, scores, k=DEFAULT_K, reference=False, ma
     if len(participant_ids) < k:
         used_k = len(participant_ids)
         logger.warning(
-            "k=%d clusters requested but only %d impurities have a positive score: using k=%d",
+            "market clustering: k=%d initial clusters requested, but only %d impurities have a positive "
+            "score, so k=%d is used",
             k,
             len(participant_ids),
             used_k,
@@ -694,17 +695,23 @@ def read_clusters_log(log_path):
     ------
     ValueError
         If the file is not valid JSON or not a list of entries with a
-        ``scan_name``. The message names the file.
+        string ``scan_name`` and a list of clusters. The message names the
+        file.
     """
     entries = atomic_io.read_json(log_path, default=[])
-    if not isinstance(entries, list) or not all(
-        isinstance(entry, dict) and "scan_name" in entry for entry in entries
-    ):
+    if not isinstance(entries, list) or not all(_is_log_entry(entry) for entry in entries):
         raise ValueError(
             f"{os.fspath(log_path)} is not a clusters log (a JSON list of scan entries with a scan_name); "
             "restore it from a backup or delete it to start over"
         )
     return entries
+
+
+def _is_log_entry(entry):
+    if not isinstance(entry, dict) or not isinstance(entry.get("scan_name"), str):
+        return False
+    clusters = entry.get("clusters", [])
+    return isinstance(clusters, list) and all(isinstance(cluster, dict) for cluster in clusters)
 
 
 def update_clusters_log(log_path, entry, lock=True):

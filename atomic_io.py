@@ -95,11 +95,20 @@ def atomic_path(path):
     try:
         yield temp_path
         _fsync_file(temp_path)
-        os.replace(temp_path, path)
+        _replace(temp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temp_path)
         raise
+
+
+def _replace(temp_path, path):
+    try:
+        os.replace(temp_path, path)
+    except IsADirectoryError as error:
+        raise OutputError(f"output file {path} exists as a folder; remove it or choose another path") from error
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror}; choose a writable folder") from error
 
 
 def _fsync_file(path):
@@ -161,15 +170,17 @@ def read_json(path, default=None):
     Raises
     ------
     ValueError
-        If the file exists but is not valid JSON.
+        If the path is a folder, or the file is not valid UTF-8 JSON.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         return default
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a JSON file; remove it or pass the path of a file")
     with open(path, encoding="utf-8") as handle:
         try:
             return json.load(handle)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(
                 f"{path} is not valid JSON ({error}); restore it from a backup or delete it to start over"
             ) from error

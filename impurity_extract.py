@@ -155,9 +155,9 @@ def read_scan(img_path):
     Raises
     ------
     ScanReadError
-        If the path is missing, is a directory, is empty, or OpenCV cannot
-        decode it (truncated or not an image, or above OpenCV's pixel
-        limit).
+        If the path is missing, is a directory, is empty, is a truncated
+        JPEG, or OpenCV cannot decode it (truncated or not an image, or
+        above OpenCV's pixel limit).
     """
     img_path = os.fspath(img_path)
 
@@ -176,8 +176,41 @@ def read_scan(img_path):
 
     if image is None:
         raise ScanReadError(_decode_failure_message(img_path))
+    if _is_truncated_jpeg(img_path):
+        raise ScanReadError(
+            f"scan {img_path} is a truncated JPEG, so the end of the image is missing; "
+            "copy or re-export the file again"
+        )
 
     return normalize_image(image, source=img_path)
+
+
+#: First bytes of every JPEG file (SOI marker and the next marker's prefix).
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def _is_truncated_jpeg(img_path):
+    # libjpeg decodes a truncated JPEG without an error and only prints
+    # "Premature end of JPEG file", so decode it again with Pillow, which
+    # raises on missing data. Other formats fail in cv2.imread when truncated.
+    with open(img_path, "rb") as handle:
+        if handle.read(len(_JPEG_SIGNATURE)) != _JPEG_SIGNATURE:
+            return False
+
+    from PIL import Image
+
+    # OpenCV has already decoded the image within its own pixel limit, so
+    # Pillow's decompression-bomb limit would only reject large scans here.
+    pixel_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(img_path) as jpeg:
+            jpeg.load()
+    except OSError:
+        return True
+    finally:
+        Image.MAX_IMAGE_PIXELS = pixel_limit
+    return False
 
 
 def _pixel_limit_message(img_path):

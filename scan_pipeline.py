@@ -6,8 +6,10 @@ plots and the clusters log entry. The log entry is written last, so a scan
 counts as finished only when every other output of it exists.
 """
 
+import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -155,20 +157,27 @@ def impurity_table(extraction, scores, clusters, config):
     Columns: id, label, padded box (px), area (px^2), centroid (px),
     significant, spatial score per k, circle ratio, shape score and
     combined score per k (with the shape stage), and cluster name.
+
+    A cell is empty (NaN when read back) only where the value is undefined.
+    These are the box and centroid of an id that the watershed left with no
+    pixels, the circle ratio of an impurity that is not significant, and the
+    cluster of an impurity in no cluster. Score columns always contain a
+    number from 0 to 1.
     """
     n = extraction.n_impurities
     boxes = extraction.boxes
     centroid_row, centroid_col = centroids(extraction.markers, n)
     significant = np.zeros(n, dtype=bool)
     significant[extraction.indices] = True
+    has_pixels = np.asarray(extraction.areas) > 0
 
     columns = {
         "id": np.arange(n),
         "label": np.arange(n) + FIRST_IMPURITY_LABEL,
-        "box_rmin": boxes[:, 0].astype(np.int64),
-        "box_rmax": boxes[:, 1].astype(np.int64),
-        "box_cmin": boxes[:, 2].astype(np.int64),
-        "box_cmax": boxes[:, 3].astype(np.int64),
+        "box_rmin": _int_column(boxes[:, 0], has_pixels),
+        "box_rmax": _int_column(boxes[:, 1], has_pixels),
+        "box_cmin": _int_column(boxes[:, 2], has_pixels),
+        "box_cmax": _int_column(boxes[:, 3], has_pixels),
         "area_px": extraction.areas,
         "centroid_row": np.round(centroid_row, 3),
         "centroid_col": np.round(centroid_col, 3),
@@ -176,7 +185,8 @@ def impurity_table(extraction, scores, clusters, config):
     }
     for k in config.k_list:
         columns[f"spatial_k{k}"] = scores.spatial[k]
-    columns["circle_ratio"] = scores.circle
+    # circle_scores returns inf for impurities that are not significant.
+    columns["circle_ratio"] = np.where(significant, scores.circle, np.nan)
     if scores.shape is not None:
         columns["shape_score"] = scores.shape
         for k in config.k_list:
@@ -188,6 +198,11 @@ def impurity_table(extraction, scores, clusters, config):
     columns["cluster"] = cluster_names
 
     return pd.DataFrame(columns)
+
+
+def _int_column(values, defined):
+    """Integer column with an empty cell where ``defined`` is False."""
+    return pd.Series(np.asarray(values).astype(np.int64), dtype="Int64").where(defined)
 
 
 def write_score_plots(extraction, scores, config, scan_dir, name):
@@ -235,6 +250,7 @@ def process_scan(path, config, model):
     extraction = extract_impurities(path, config.min_threshold)
     if len(extraction.indices) == 0:
         logger.info("%s: no significant impurity found at --min_threshold=%d", name, config.min_threshold)
+    _warn_if_mostly_impurity(name, extraction, config.min_threshold)
 
     scores = compute_scores(extraction, config, model)
     area_scores = scores.combined[config.area_k]
@@ -261,6 +277,23 @@ def process_scan(path, config, model):
     return extraction.n_impurities
 
 
+#: Share of the scan's pixels above which impurity pixels suggest an
+#: inverted scan or a threshold that is too high.
+MAX_IMPURITY_SHARE = 0.5
+
+
+def _warn_if_mostly_impurity(name, extraction, min_threshold):
+    share = float(np.sum(extraction.areas)) / extraction.markers.size
+    if share > MAX_IMPURITY_SHARE:
+        logger.warning(
+            "%s: impurity pixels cover %.0f%% of the scan at --min_threshold=%d; check that the "
+            "impurities are dark on a light background and that the threshold is below the background",
+            name,
+            100 * share,
+            min_threshold,
+        )
+
+
 def _warn_if_single_cluster(name, clusters, area_scores):
     # NOTE: the default (documented-intent) rules make merges free and price
     # each impurity at its nearest member, so on the published scans every
@@ -277,7 +310,7 @@ def _warn_if_single_cluster(name, clusters, area_scores):
 
 def finished_scans(config):
     """Return the names of scans with a clusters log entry and an impurity table."""
-    entries = atomic_io.read_json(config.clusters_log, default=[])
+    entries = area_anomaly.read_clusters_log(config.clusters_log)
     return {
         entry["scan_name"] for entry in entries if os.path.exists(table_path(config, entry["scan_name"]))
     }
@@ -299,27 +332,75 @@ def run_scans(scan_paths, config, model):
     finished = set() if config.overwrite else finished_scans(config)
 
     # The bar is drawn only on a terminal (disable=None), so logs stay clean.
-    for path in tqdm(scan_paths, desc="scans", unit="scan", disable=None):
-        name = scan_name(path)
-        if name in finished:
-            logger.info("%s: results exist, skipped (pass --overwrite to redo it)", name)
-            summary.skipped += 1
-            continue
-
-        started = time.perf_counter()
-        try:
-            n_impurities = process_scan(path, config, model)
-        except (ScanReadError, ValueError) as error:
-            logger.error("%s: failed: %s", name, error)
-            logger.debug("traceback of the failure of %s", name, exc_info=True)
-            summary.failed.append(path)
-            continue
-
-        logger.info("%s: %d impurities, %.1f s", name, n_impurities, time.perf_counter() - started)
-        summary.processed += 1
+    bar = tqdm(scan_paths, desc="scans", unit="scan", disable=None)
+    with bar, _log_above_bar(bar):
+        for path in bar:
+            _run_one_scan(path, config, model, finished, summary)
 
     logger.info("%d scans processed, %d skipped as finished, %d failed", summary.processed, summary.skipped, len(summary.failed))
     return summary
+
+
+def _run_one_scan(path, config, model, finished, summary):
+    name = scan_name(path)
+    if name in finished:
+        logger.info("%s: results exist, skipped (pass --overwrite to redo it)", name)
+        summary.skipped += 1
+        return
+
+    started = time.perf_counter()
+    try:
+        n_impurities = process_scan(path, config, model)
+    except (ScanReadError, ValueError) as error:
+        logger.error("%s: failed: %s", name, error)
+        logger.debug("traceback of the failure of %s", name, exc_info=True)
+        summary.failed.append(path)
+        return
+
+    logger.info("%s: %d impurities, %.1f s", name, n_impurities, time.perf_counter() - started)
+    summary.processed += 1
+
+
+class _BarSafeStream:
+    """Stream that writes through ``tqdm.write``, which clears and redraws the bar."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def _console_handlers():
+    """Return the root logger's stream handlers that write to the console.
+
+    absl's handler wraps a ``logging.StreamHandler`` in ``python_handler``.
+    """
+    handlers = []
+    for handler in logging.getLogger().handlers:
+        inner = getattr(handler, "python_handler", handler)
+        if isinstance(inner, logging.StreamHandler) and inner.stream in (sys.stderr, sys.stdout):
+            handlers.append(inner)
+    return handlers
+
+
+@contextlib.contextmanager
+def _log_above_bar(bar):
+    """Print console log lines above the progress bar instead of inside it."""
+    handlers = [] if bar.disable else _console_handlers()
+    originals = [handler.stream for handler in handlers]
+    for handler in handlers:
+        handler.setStream(_BarSafeStream(handler.stream))
+    try:
+        yield
+    finally:
+        for handler, original in zip(handlers, originals):
+            handler.setStream(original)
 
 
 # Ranking.
@@ -365,12 +446,11 @@ def print_order(config, names=None):
 
 
 def _read_log_entries(config):
-    entries = atomic_io.read_json(config.clusters_log, default=None)
-    if entries is None:
+    if not os.path.exists(config.clusters_log):
         raise ValueError(
             f"clusters log {config.clusters_log} not found; run detection first or pass --clusters_scores_log"
         )
-    return entries
+    return area_anomaly.read_clusters_log(config.clusters_log)
 
 
 # Training data.

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 #: Input shape that the autoencoder must accept, batch dimension first.
 MODEL_INPUT_SHAPE = (None, 100, 100, 1)
 
+#: Output shapes that :func:`predict` accepts: the input shape, with or
+#: without the channel axis.
+_MODEL_OUTPUT_SHAPES = (MODEL_INPUT_SHAPE, MODEL_INPUT_SHAPE[:3])
+
 #: Side of a crop, in px.
 CROP_SIZE = 100
 
@@ -118,7 +122,8 @@ def load_model(path):
     ModelLoadError
         If the file is missing, is a directory, has another extension, is
         not a Keras model, or the model's input shape is not
-        ``(None, 100, 100, 1)``. The message is one line that names the
+        ``(None, 100, 100, 1)`` or its output shape is neither that nor
+        ``(None, 100, 100)``. The message is one line that names the
         file and the fix.
     """
     import keras
@@ -138,6 +143,12 @@ def load_model(path):
         raise ModelLoadError(
             f"model {path} has input shape {input_shape}, but the crops need "
             f"{MODEL_INPUT_SHAPE}; pass a model trained on 100x100 gray crops"
+        )
+    output_shape = getattr(model, "output_shape", None)
+    if output_shape is None or tuple(output_shape) not in _MODEL_OUTPUT_SHAPES:
+        raise ModelLoadError(
+            f"model {path} has output shape {output_shape}, but the reconstruction loss needs "
+            f"{MODEL_INPUT_SHAPE}; pass an autoencoder that reconstructs its input"
         )
 
     logger.info("loaded shape model %s (%d parameters)", path, model.count_params())

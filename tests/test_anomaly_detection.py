@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,10 @@ def test_single_impurity_scan(tmp_path):
         (["--k=0"], "--k=0"),
         (["--k=-5"], "--k=-5"),
         (["--area_clusters=0"], "--area_clusters=0"),
+        (["--area_clusters=-3"], "--area_clusters=-3"),
+        (["--k=abc"], "--k=abc"),
+        (["--k="], "--k is empty"),
+        (["--print_order", "--order_key=bogus"], "--order_key=bogus"),
     ],
 )
 def test_invalid_flags_one_line_error(tmp_path, args, expected):
@@ -276,8 +281,12 @@ def test_killed_run_resumes_to_same_result(tmp_path):
     for entry in finished:
         assert (killed_root / "logs" / entry["scan_name"] / "impurities.csv").is_file()
 
+    for plot in (killed_root / "logs").rglob("*.png"):
+        assert cv2.imread(str(plot)) is not None, plot
+
     resumed = _run(args + _output_flags(killed_root), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"{6 - len(finished)} scans processed, {len(finished)} skipped as finished" in resumed.stderr
     assert _comparable_entries(killed_root) == _comparable_entries(reference_root)
     for seed in range(6):
         name = f"scan_{seed}/impurities.csv"
@@ -309,3 +318,210 @@ def test_concurrent_runs_share_log(tmp_path):
 
     names = sorted(entry["scan_name"] for entry in _log_entries(tmp_path))
     assert names == ["a_0", "a_1", "a_2", "b_0", "b_1", "b_2"]
+
+
+def _order_outputs(area):
+    """Relative paths of the ranking outputs, without temporary files."""
+    return sorted(
+        str(path.relative_to(area))
+        for path in area.rglob("*")
+        if path.is_file() and ".tmp" not in path.name and path.name != "clusters_scores.txt"
+    )
+
+
+def test_killed_order_reruns_to_same_result(tmp_path, scans):
+    args = [f"--input_scans={scans}/*.png", "--min_threshold=30", "--shape_anomaly=False", "--reference_clustering"]
+    assert _run(args + _output_flags(tmp_path), cwd=tmp_path).returncode == 0
+    order_args = ["--detect=False", "--order", "--top_ranked=20"] + _output_flags(tmp_path)
+    area = tmp_path / "logs" / "area"
+    ordered_path = area / "ordered_clusters_scores.json"
+
+    assert _run(order_args, cwd=tmp_path).returncode == 0
+    reference_ranking = ordered_path.read_text()
+    reference_outputs = _order_outputs(area)
+    ordered_path.unlink()
+    shutil.rmtree(area / "histograms")
+    shutil.rmtree(area / "ordered")
+
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg")
+    process = subprocess.Popen(
+        COMMAND + order_args, cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(".tmp" not in path.name for path in (area / "histograms").rglob("*.png")):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    # Killed between the ranking and the last plot: every file left is complete.
+    assert ordered_path.read_text() == reference_ranking
+    interrupted_outputs = _order_outputs(area)
+    assert len(interrupted_outputs) < len(reference_outputs)
+    for name in interrupted_outputs:
+        if name.endswith(".png"):
+            assert cv2.imread(str(area / name)) is not None, name
+    assert len(_log_entries(tmp_path)) == 3
+
+    assert _run(order_args, cwd=tmp_path).returncode == 0
+    assert ordered_path.read_text() == reference_ranking
+    assert _order_outputs(area) == reference_outputs
+
+
+def _write_edge_scans(folder):
+    """Scans of the hard cases, of different sizes, in several formats."""
+    from PIL import Image
+
+    white = np.full((200, 300), 255, np.uint8)
+    cv2.imwrite(str(folder / "white.png"), white)
+    cv2.imwrite(str(folder / "black.png"), np.zeros((120, 90), np.uint8))
+
+    one = white.copy()
+    cv2.circle(one, (150, 100), 8, 0, -1)
+    cv2.imwrite(str(folder / "one.png"), one)
+
+    border = white.copy()
+    cv2.circle(border, (0, 0), 10, 0, -1)
+    cv2.rectangle(border, (100, 0), (120, 5), 0, -1)
+    cv2.circle(border, (200, 120), 6, 0, -1)
+    cv2.imwrite(str(folder / "border.png"), border)
+
+    pixel_and_line = white.copy()
+    pixel_and_line[50, 50] = 0
+    pixel_and_line[150, 20:280] = 0
+    cv2.imwrite(str(folder / "pixel and line é.png"), pixel_and_line)
+
+    twins = white.copy()
+    twins[40:50, 40:50] = 0
+    twins[40:50, 200:210] = 0
+    cv2.imwrite(str(folder / "twins.png"), twins)
+
+    busy, _ = generate_scan(
+        3, height=400, width=500, dot_count=30, large_count=1, elongated_count=1, cross_count=1, patch_member_count=0
+    )
+    Image.fromarray(busy > 127).save(folder / "busy_1bit.png")
+    cv2.imwrite(str(folder / "busy_16bit.tif"), busy.astype(np.uint16) * 257)
+    alpha = np.where(busy < 128, 255, 0).astype(np.uint8)
+    Image.fromarray(np.dstack([np.zeros_like(busy), alpha]), "LA").save(folder / "busy_gray_alpha.png")
+
+
+def test_hard_cases_write_no_nan(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    _write_edge_scans(folder)
+
+    completed = _run(
+        [f"--input_scans={folder}/*", "--min_threshold=30", "--shape_anomaly=False", "--k=1,50"]
+        + ["--order", "--print_order"]
+        + _output_flags(tmp_path),
+        cwd=tmp_path,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "black: impurity pixels cover" in completed.stderr
+    names = sorted(entry["scan_name"] for entry in _log_entries(tmp_path))
+    assert len(names) == 9
+    assert "pixel and line é" in names
+
+    score_columns = ["spatial_k1", "spatial_k50"]
+    for table_path in (tmp_path / "logs").glob("*/impurities.csv"):
+        table = pd.read_csv(table_path)
+        for column in score_columns + ["id", "label", "area_px", "significant"]:
+            assert table[column].notna().all(), (table_path, column)
+        for column in score_columns:
+            assert table[column].between(0, 1).all(), (table_path, column)
+        # Empty cells are allowed only where the value is undefined.
+        no_pixels = table["area_px"] == 0
+        assert (table["centroid_row"].isna() == no_pixels).all(), table_path
+        assert (table["circle_ratio"].isna() == ~table["significant"]).all(), table_path
+
+    area = tmp_path / "logs" / "area"
+    for json_path in [area / "clusters_scores.txt", area / "ordered_clusters_scores.json"]:
+        json.loads(json_path.read_text(), parse_constant=lambda token: pytest.fail(f"{token} in {json_path}"))
+
+    white = pd.read_csv(tmp_path / "logs" / "white" / "impurities.csv")
+    assert len(white) == 0
+    twins = pd.read_csv(tmp_path / "logs" / "twins" / "impurities.csv")
+    assert twins["spatial_k1"].tolist() == [0.0, 0.0]
+
+
+def test_truncated_jpeg_in_batch(tmp_path, scans):
+    image = np.full((300, 400), 255, np.uint8)
+    cv2.circle(image, (200, 150), 30, 0, -1)
+    ok, encoded = cv2.imencode(".jpg", image)
+    assert ok
+    (scans / "cut.jpg").write_bytes(encoded.tobytes()[: len(encoded) // 2])
+
+    completed = _run(
+        [f"--input_scans={scans}/*", "--min_threshold=30", "--shape_anomaly=False"] + _output_flags(tmp_path),
+        cwd=tmp_path,
+    )
+
+    assert completed.returncode == 1
+    assert "1 of 4 scans failed" in completed.stderr
+    assert "cut.jpg is a truncated JPEG" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert sorted(entry["scan_name"] for entry in _log_entries(tmp_path)) == ["scan_0", "scan_1", "scan_2"]
+
+
+def test_unwritable_log_folder_fails_first(tmp_path, scans):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+
+    completed = _run(
+        [f"--input_scans={scans}/*.png", "--shape_anomaly=False", f"--clusters_scores_log={tmp_path}/blocker/log.txt"]
+        + _output_flags(tmp_path),
+        cwd=tmp_path,
+    )
+
+    assert completed.returncode == 2
+    assert len(_error_lines(completed)) == 1
+    assert "blocker" in completed.stderr
+    assert not (tmp_path / "logs" / "scan_0").exists()
+
+
+@pytest.mark.parametrize(
+    "make_log, expected",
+    [
+        (lambda path: path.mkdir(), "clusters_scores.txt is a folder"),
+        (lambda path: path.write_text('{"scan_name": "scan_0"}'), "is not a clusters log"),
+        (lambda path: path.write_bytes(b"\xff\xfe"), "clusters_scores.txt is not valid JSON"),
+    ],
+)
+def test_unreadable_clusters_log(tmp_path, scans, make_log, expected):
+    log_path = tmp_path / "logs" / "area" / "clusters_scores.txt"
+    log_path.parent.mkdir(parents=True)
+    make_log(log_path)
+
+    completed = _run(
+        [f"--input_scans={scans}/*.png", "--min_threshold=30", "--shape_anomaly=False"] + _output_flags(tmp_path),
+        cwd=tmp_path,
+    )
+
+    assert completed.returncode == 2
+    errors = _error_lines(completed)
+    assert len(errors) == 1
+    assert expected in errors[0]
+    assert "Traceback" not in completed.stderr
+
+
+def test_real_scans_of_different_sizes(tmp_path, scans_dir):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    # The uncropped 1-bit page and the gray + alpha scan, beside a small synthetic scan.
+    for name in ["scan1tag-12.png", "scan2tag-43.png"]:
+        (folder / name).symlink_to(scans_dir / name)
+    _write_scan(folder / "small.png", 5)
+
+    completed = _run(
+        [f"--input_scans={folder}/*.png", "--min_threshold=30", "--shape_anomaly=False"] + _output_flags(tmp_path),
+        cwd=tmp_path,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(entry["scan_name"] for entry in _log_entries(tmp_path)) == ["scan1tag-12", "scan2tag-43", "small"]
+    for name in ["scan1tag-12", "scan2tag-43", "small"]:
+        table = pd.read_csv(tmp_path / "logs" / name / "impurities.csv")
+        assert table["significant"].sum() > 10, name
+        assert table["spatial_k50"].notna().all(), name
+        assert table["spatial_k50"].max() == 1.0, name

@@ -78,6 +78,32 @@ def test_corrupt_json_names_file(tmp_path):
         atomic_io.read_json(path)
 
 
+def test_json_folder_names_path(tmp_path):
+    folder = tmp_path / "log.json"
+    folder.mkdir()
+
+    with pytest.raises(ValueError, match="log.json is a folder"):
+        atomic_io.read_json(folder)
+
+
+def test_json_not_utf8_names_file(tmp_path):
+    path = tmp_path / "log.json"
+    path.write_bytes(b"\xff\xfe[]")
+
+    with pytest.raises(ValueError, match="log.json is not valid JSON"):
+        atomic_io.read_json(path)
+
+
+def test_destination_folder_rejected(tmp_path):
+    destination = tmp_path / "out.json"
+    destination.mkdir()
+
+    with pytest.raises(atomic_io.OutputError, match="out.json exists as a folder"):
+        atomic_io.write_json(destination, [1])
+    assert destination.is_dir()
+    assert [path.name for path in tmp_path.iterdir()] == ["out.json"]
+
+
 def test_missing_json_gives_default(tmp_path):
     assert atomic_io.read_json(tmp_path / "none.json", default=[]) == []
 

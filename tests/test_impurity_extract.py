@@ -236,6 +236,51 @@ def test_truncated_png(tmp_path):
         read_scan(path)
 
 
+def _jpeg_bytes():
+    image = np.full((200, 300), 255, np.uint8)
+    cv2.circle(image, (150, 100), 20, 0, -1)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return encoded.tobytes()
+
+
+def test_complete_jpeg_reads(tmp_path):
+    path = tmp_path / "whole.jpg"
+    path.write_bytes(_jpeg_bytes())
+
+    result = extract_impurities(path, 30)
+
+    assert len(result.indices) == 1
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.9])
+def test_truncated_jpeg_rejected(tmp_path, kept):
+    # OpenCV decodes a truncated JPEG without an error, so the check must
+    # come from read_scan itself.
+    data = _jpeg_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: int(len(data) * kept)])
+    assert cv2.imread(str(path)) is not None
+
+    with pytest.raises(ScanReadError, match="truncated JPEG") as error:
+        read_scan(path)
+    assert str(path) in str(error.value)
+
+
+def test_white_is_zero_ccitt_tiff(tmp_path):
+    from PIL import TiffImagePlugin
+
+    path = tmp_path / "scene.tif"
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[262] = 0  # PhotometricInterpretation: WhiteIsZero
+    Image.fromarray(_scene() > 0).save(path, compression="group4", tiffinfo=tags)
+    with Image.open(path) as saved:
+        assert saved.tag_v2[262] == 0
+        assert saved.info["compression"] == "group4"
+
+    _assert_same_as_scene(path)
+
+
 # Real scans.
 
 

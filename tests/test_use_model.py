@@ -129,6 +129,18 @@ def test_load_model_wrong_input_shape(saved_models):
     assert "(None, 28, 28, 1)" in str(error.value)
 
 
+def test_load_model_wrong_output_shape(tmp_path):
+    inputs = keras.Input((100, 100, 1))
+    flat = keras.Model(inputs, keras.layers.Flatten()(inputs))
+    path = tmp_path / "flat.keras"
+    flat.save(path)
+
+    with pytest.raises(ModelLoadError, match="output shape") as error:
+        load_model(path)
+    assert str(path) in str(error.value)
+    assert "(None, 10000)" in str(error.value)
+
+
 def test_model_load_error_is_value_error():
     assert issubclass(ModelLoadError, ValueError)
 
