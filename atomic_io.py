@@ -7,7 +7,7 @@ either the old file or the new one, never a partial file.
 """
 
 import contextlib
-import errno
+import fcntl
 import json
 import logging
 import os
@@ -194,8 +194,12 @@ class LockTimeout(OutputError):
 def folder_lock(folder, timeout_s=600.0, poll_s=0.2):
     """Hold an exclusive lock on an output folder.
 
-    The lock is a ``.lock`` file created with ``O_EXCL`` that contains the
-    process id. A lock left by a process that no longer runs is taken over.
+    The lock is an ``fcntl.flock`` on the file ``.lock`` in the folder, so
+    the kernel releases it when the holding process exits, even on SIGKILL,
+    and a lock is never left stale. The file stays in place and contains the
+    process id of the last holder, for the message of a waiting run. The
+    lock is advisory and not re-entrant: a process that holds it and asks
+    again waits for itself until the timeout.
 
     Parameters
     ----------
@@ -209,60 +213,52 @@ def folder_lock(folder, timeout_s=600.0, poll_s=0.2):
     Raises
     ------
     LockTimeout
-        If the lock is still held by a running process after ``timeout_s``.
+        If another process still holds the lock after ``timeout_s``.
+    OutputError
+        If the lock file cannot be created.
     """
     folder = ensure_dir(folder)
     lock_path = os.path.join(folder, ".lock")
-    deadline = time.monotonic() + timeout_s
-    warned = False
-
-    while True:
-        try:
-            handle = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _lock_owner(lock_path)
-            if owner is not None and not _process_alive(owner):
-                logger.warning("removing stale lock %s left by process %d", lock_path, owner)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(lock_path)
-                continue
-            if time.monotonic() >= deadline:
-                raise LockTimeout(
-                    f"output folder {folder} is locked by another run (process {owner}); "
-                    f"wait for it to finish or remove {lock_path} if no run is active"
-                ) from None
-            if not warned:
-                logger.info("waiting for another run (process %s) to release %s", owner, lock_path)
-                warned = True
-            time.sleep(poll_s)
-            continue
-        except OSError as error:
-            raise OutputError(f"cannot create lock file {lock_path}: {error.strerror}") from error
-
-        with os.fdopen(handle, "w") as lock_file:
-            lock_file.write(str(os.getpid()))
-        break
+    try:
+        handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise OutputError(f"cannot create lock file {lock_path}: {error.strerror}; choose a writable folder") from error
 
     try:
+        _acquire(handle, lock_path, folder, timeout_s, poll_s)
+        os.ftruncate(handle, 0)
+        os.write(handle, str(os.getpid()).encode("ascii"))
         yield lock_path
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock_path)
+        # Closing the descriptor releases the lock.
+        os.close(handle)
+
+
+def _acquire(handle, lock_path, folder, timeout_s, poll_s):
+    deadline = time.monotonic() + timeout_s
+    warned = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+
+        owner = _lock_owner(lock_path)
+        if time.monotonic() >= deadline:
+            raise LockTimeout(
+                f"output folder {folder} is locked by another run (process {owner}); "
+                "wait for it to finish or write to another folder"
+            )
+        if not warned:
+            logger.info("waiting for another run (process %s) to release %s", owner, lock_path)
+            warned = True
+        time.sleep(poll_s)
 
 
 def _lock_owner(lock_path):
     try:
-        with open(lock_path, encoding="utf-8") as handle:
-            return int(handle.read().strip() or -1)
+        with open(lock_path, encoding="ascii") as lock_file:
+            return int(lock_file.read().strip() or -1)
     except (OSError, ValueError):
         return None
-
-
-def _process_alive(pid):
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError as error:
-        return error.errno == errno.EPERM
-    return True

@@ -145,7 +145,6 @@ def test_lock_excludes_second_holder(tmp_path):
     thread.join()
 
     assert order == ["first in", "first out", "second in"]
-    assert not (tmp_path / ".lock").exists()
 
 
 def test_lock_timeout_message(tmp_path):
@@ -155,10 +154,27 @@ def test_lock_timeout_message(tmp_path):
                 pass
 
 
-def test_stale_lock_taken_over(tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(finished.stdout)
-    (tmp_path / ".lock").write_text(str(dead_pid))
+def test_lock_of_killed_process_released(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, atomic_io\n"
+            f"with atomic_io.folder_lock({str(tmp_path)!r}):\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(atomic_io.LockTimeout, match=str(holder.pid)):
+        with atomic_io.folder_lock(tmp_path, timeout_s=0.2, poll_s=0.05):
+            pass
+
+    holder.kill()
+    holder.wait()
 
     with atomic_io.folder_lock(tmp_path, timeout_s=1.0):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
