@@ -1,10 +1,10 @@
 """Find anomalous impurities and anomalous areas in metallographic scans.
 
 This is the main command of MLography. For each scan that ``--input_scans``
-matches, it extracts the impurities, scores them by spatial anomaly
+matches, it extracts the impurities and scores them by spatial anomaly
 (weighted k-th nearest neighbour), shape anomaly (autoencoder
-reconstruction loss) and both combined, groups the most anomalous ones into
-areas with market clustering, and writes tables and plots. ``--order`` ranks
+reconstruction loss) and both combined. It then groups the most anomalous
+ones into areas with market clustering, and writes tables and plots. ``--order`` ranks
 every area of every scan in the clusters log, and ``--print_order`` prints
 the ranks of the input scans' areas.
 

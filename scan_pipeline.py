@@ -465,7 +465,7 @@ def prepare_data(scans_dir, data_dir, config):
     import split_data
 
     if not os.path.isdir(scans_dir):
-        raise ValueError(f"--prepare_data_path={scans_dir} is not a folder; pass the folder that holds the scans")
+        raise ValueError(f"--prepare_data_path={scans_dir} is not a folder; pass the folder that contains the scans")
 
     rescaled_dir = os.path.join(data_dir, "rescaled")
     scan_paths = sorted(
@@ -474,7 +474,7 @@ def prepare_data(scans_dir, data_dir, config):
         if os.path.splitext(entry)[1].lower() in {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
     )
     if not scan_paths:
-        raise ValueError(f"--prepare_data_path={scans_dir} holds no PNG, TIFF or JPEG scan")
+        raise ValueError(f"--prepare_data_path={scans_dir} contains no PNG, TIFF or JPEG scan")
 
     counts = shape_anomaly.prepare_training_data(scan_paths, config.min_threshold, rescaled_dir)
     logger.info("wrote training crops into %s: %s", rescaled_dir, counts)
