@@ -115,10 +115,9 @@ def compute_scores(extraction, config, model):
         scores.combined = spatial
         return scores
 
-    # Impurity pixels keep their scan gray level, as in the training crops.
-    crop_ids, crops = shape_anomaly.impurity_crops(
-        extraction.markers, extraction.boxes, extraction.indices, image=extraction.image
-    )
+    # The whole watershed label is drawn black, as in the shipped model's
+    # training crops.
+    crop_ids, crops = shape_anomaly.impurity_crops(extraction.markers, extraction.boxes, extraction.indices)
     losses = _reconstruction_losses(model, crops, config.shape_loss)
     scores.shape = shape_anomaly.shape_scores(crop_ids, losses, extraction.n_impurities)
     scores.combined = {k: shape_anomaly.combined_scores(spatial[k], scores.shape) for k in config.k_list}

@@ -524,7 +524,7 @@ def prepare_training_data(
     min_area=50,
     normal_max_ratio=0.3,
     anomaly_min_ratio=0.55,
-    scan_gray_levels=True,
+    scan_gray_levels=False,
 ):
     """Write crops of round and of irregular impurities as autoencoder training data.
 
@@ -555,8 +555,8 @@ def prepare_training_data(
         The anomaly class takes circle ratios strictly above this.
     scan_gray_levels : bool
         Draw impurity pixels in their scan gray level, as the published
-        MLography code does and the main command scores them (default), or
-        black when False; see the ``image`` argument of
+        MLography code does, instead of black (the default, which the main
+        command and the shipped model use); see the ``image`` argument of
         :func:`impurity_crops`. Crops for scoring must be drawn the same
         way as the training crops.
 

@@ -67,7 +67,7 @@ def time_stages(scans_dir, model, repeats):
         circle_s, _ = _median_time(lambda: shape_anomaly.circle_scores(extraction.markers, areas, indices), repeats)
 
         def shape_stage():
-            crop_ids, crops = shape_anomaly.impurity_crops(extraction.markers, boxes, indices, image=extraction.image)
+            crop_ids, crops = shape_anomaly.impurity_crops(extraction.markers, boxes, indices)
             losses = use_model.reconstruction_losses(model, crops)
             return shape_anomaly.shape_scores(crop_ids, losses, extraction.n_impurities)
 

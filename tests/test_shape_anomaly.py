@@ -417,8 +417,8 @@ def test_prepare_training_data_gray_levels(tmp_path):
     cv2.circle(image, (50, 50), 12, 0, thickness=-1)
     image[44:57:4, 44:57:4] = 255
     cv2.imwrite(str(tmp_path / "scan-z.png"), image)
-    prepare_training_data([tmp_path / "scan-z.png"], 30, tmp_path / "black", scan_gray_levels=False)
-    prepare_training_data([tmp_path / "scan-z.png"], 30, tmp_path / "gray")
+    prepare_training_data([tmp_path / "scan-z.png"], 30, tmp_path / "black")
+    prepare_training_data([tmp_path / "scan-z.png"], 30, tmp_path / "gray", scan_gray_levels=True)
 
     name = os.listdir(tmp_path / "black" / "normal")[0]
     black = cv2.imread(str(tmp_path / "black" / "normal" / name), cv2.IMREAD_UNCHANGED)
