@@ -446,7 +446,6 @@ def test_log_replaces_same_scan(tmp_path):
     entries = aa.read_clusters_log(log_path)
     assert [entry["scan_name"] for entry in entries] == ["a.png", "b.png"]
     assert entries[0]["plot_path"] == "plots/a2.png"
-    assert not (tmp_path / ".lock").exists()
 
 
 def test_corrupt_log_names_file(tmp_path):
