@@ -459,7 +459,8 @@ def prepare_data(scans_dir, data_dir, config):
     """Write labelled training crops from a folder of scans and split them.
 
     Crops go to ``<data_dir>/rescaled/normal|anomaly`` and the split to
-    ``<data_dir>/<split name>/train|validation|test``.
+    ``<data_dir>/shape/train|validation|test``, with all crops of a scan in
+    the same split.
     """
     import split_data
 
@@ -477,5 +478,5 @@ def prepare_data(scans_dir, data_dir, config):
 
     counts = shape_anomaly.prepare_training_data(scan_paths, config.min_threshold, rescaled_dir)
     logger.info("wrote training crops into %s: %s", rescaled_dir, counts)
-    split_counts = split_data.split_dataset(rescaled_dir, data_dir)
+    split_counts = split_data.split_dataset(rescaled_dir, data_dir, group_by_scan=True)
     logger.info("split the crops into %s: %s", data_dir, split_counts)

@@ -47,11 +47,12 @@ MANIFEST_NAME = "split_manifest.csv"
 #: Crop file extension; other files in a class folder are ignored.
 CROP_EXTENSION = ".png"
 
-# ``<ratio><scan>_impurity_<id>.png``. The ratio is a plain decimal number
-# glued to the scan name, so a scan name that starts with a digit, a dot or an
-# "e" followed by a digit cannot be told apart from the ratio.
+# ``<ratio><scan>_impurity_<id>.png``. The ratio is a decimal number as
+# Python prints a float, and can be slightly negative for small round
+# impurities. It is glued to the scan name, so a scan name that starts with a
+# digit, a dot or an "e" followed by a digit cannot be distinguished from it.
 _CROP_NAME = re.compile(
-    r"^(?P<ratio>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?P<scan>.+)_impurity_(?P<id>\d+)\.png$"
+    r"^(?P<ratio>-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?P<scan>.+)_impurity_(?P<id>\d+)\.png$"
 )
 
 
@@ -306,7 +307,7 @@ def count_split(assignment, classes):
 def split_dataset(
     input_dir,
     output_dir,
-    name,
+    name="shape",
     n_classes=2,
     fractions=DEFAULT_FRACTIONS,
     seed=0,
@@ -325,8 +326,9 @@ def split_dataset(
         Folder with ``normal/`` and, for two classes, ``anomaly/`` crops.
     output_dir : str
         Folder in which the ``name`` folder is created.
-    name : str
-        Name of the data set folder, a single path component.
+    name : str, optional
+        Name of the data set folder, a single path component; ``"shape"``
+        by default, the folder that ``neural_net.py`` reads by default.
     n_classes : {1, 2}
         1 splits ``normal/`` only, 2 splits ``normal/`` and ``anomaly/``.
     fractions : sequence of 3 float
@@ -397,15 +399,19 @@ def _log_counts(target_dir, counts, fractions):
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("input_dir", None, "Folder that contains the normal/ and anomaly/ crop folders.")
-flags.DEFINE_string("output_dir", "data", "Folder in which the data set folder --name is created.")
-flags.DEFINE_string("name", "shape", "Name of the data set folder inside --output_dir.")
-flags.DEFINE_enum("classes", "2", ["1", "2"], "1: split normal/ only; 2: split normal/ and anomaly/.")
-flags.DEFINE_list("fractions", ["0.6", "0.2", "0.2"], "Fractions of crops for train, validation, test; sum 1.")
-flags.DEFINE_integer("seed", 0, "Seed of the random split.")
-flags.DEFINE_bool("group_by_scan", False, "Keep all crops of one scan in the same split.")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty output data set folder.")
-flags.mark_flag_as_required("input_dir")
+
+def _define_flags():
+    # Defined only when run as a script, so that importing this module
+    # next to others that define absl flags of the same name works.
+    flags.DEFINE_string("input_dir", None, "Folder that contains the normal/ and anomaly/ crop folders.")
+    flags.DEFINE_string("output_dir", "data", "Folder in which the data set folder --name is created.")
+    flags.DEFINE_string("name", "shape", "Name of the data set folder inside --output_dir.")
+    flags.DEFINE_enum("classes", "2", ["1", "2"], "1: split normal/ only; 2: split normal/ and anomaly/.")
+    flags.DEFINE_list("fractions", ["0.6", "0.2", "0.2"], "Fractions of crops for train, validation, test; sum 1.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random split.")
+    flags.DEFINE_bool("group_by_scan", False, "Keep all crops of one scan in the same split.")
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty output data set folder.")
+    flags.mark_flag_as_required("input_dir")
 
 
 def main(argv):
@@ -435,4 +441,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
