@@ -43,16 +43,17 @@ def colour_by_id(markers, id_colours, background=WHITE):
 
     Returns
     -------
-    (H, W, 3) float32 ndarray
-        The painted RGB image.
+    (H, W, 3) uint8 ndarray
+        The painted RGB image, 0 to 255. Eight bits keep a full scan at a
+        quarter of the memory of float32.
     """
-    id_colours = np.asarray(id_colours, dtype=np.float32).reshape(-1, 3)
+    id_colours = _to_uint8(np.asarray(id_colours, dtype=np.float64).reshape(-1, 3))
     n_ids = len(id_colours)
 
     # Row 0 of the table serves label -1, row 1 label 0 (never left by the
     # watershed), row 2 the background label 1, and row i + 3 impurity id i.
-    table = np.empty((n_ids + FIRST_IMPURITY_LABEL + 1, 3), dtype=np.float32)
-    table[: FIRST_IMPURITY_LABEL + 1] = background
+    table = np.empty((n_ids + FIRST_IMPURITY_LABEL + 1, 3), dtype=np.uint8)
+    table[: FIRST_IMPURITY_LABEL + 1] = _to_uint8(np.asarray(background, dtype=np.float64))
     table[FIRST_IMPURITY_LABEL + 1 :] = id_colours
 
     return table[markers + 1]
@@ -90,24 +91,26 @@ def draw_image_figure(rgb, title, colormap=None, colorbar_label=None, colorbar_t
     -------
     matplotlib.figure.Figure
     """
-    display = _reduce_for_display(rgb)
+    display = _to_uint8(_reduce_for_display(rgb))
     height, width = display.shape[:2]
-    if display.dtype != np.uint8:
-        display = np.clip(display, 0.0, 1.0)
 
-    # Fixed axes positions, in px, instead of a layout engine, which halves
-    # the time to save a figure of this size.
+    # The scan is placed pixel for pixel with figimage, and the other parts
+    # at fixed positions in px. Resampling through imshow and a layout
+    # engine took about 4 times longer for a full scan.
     margin, title_height, colorbar_width = 10, 40, 110
     figure_width = width + 2 * margin + (colorbar_width if colormap is not None else 0)
     figure_height = height + 2 * margin + title_height
     figure = Figure(figsize=(figure_width / PLOT_DPI, figure_height / PLOT_DPI), dpi=PLOT_DPI)
 
-    axes = figure.add_axes(
-        [margin / figure_width, margin / figure_height, width / figure_width, height / figure_height]
+    figure.figimage(display, xo=margin, yo=margin, origin="upper")
+    figure.text(
+        (margin + width / 2) / figure_width,
+        1 - (title_height / 2) / figure_height,
+        title,
+        ha="center",
+        va="center",
+        fontsize="large",
     )
-    axes.imshow(display, interpolation="nearest")
-    axes.set_axis_off()
-    axes.set_title(title)
 
     if colormap is not None:
         colorbar_axes = figure.add_axes(
@@ -118,6 +121,12 @@ def draw_image_figure(rgb, title, colormap=None, colorbar_label=None, colorbar_t
         if colorbar_label:
             colorbar.set_label(colorbar_label)
     return figure
+
+
+def _to_uint8(image):
+    if image.dtype == np.uint8:
+        return image
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def save_figure(path, figure):

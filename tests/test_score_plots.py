@@ -11,10 +11,11 @@ def test_colour_by_id_lookup():
     rgb = score_plots.colour_by_id(markers, id_colours)
 
     assert rgb.shape == (2, 3, 3)
-    assert rgb[0, 0].tolist() == [1.0, 1.0, 1.0]  # boundary
-    assert rgb[0, 1].tolist() == [1.0, 1.0, 1.0]  # background
-    assert rgb[0, 2].tolist() == [1.0, 0.0, 0.0]  # id 0
-    assert rgb[1, 0].tolist() == [0.0, 0.0, 1.0]  # id 1
+    assert rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [255, 255, 255]  # boundary
+    assert rgb[0, 1].tolist() == [255, 255, 255]  # background
+    assert rgb[0, 2].tolist() == [255, 0, 0]  # id 0
+    assert rgb[1, 0].tolist() == [0, 0, 255]  # id 1
 
 
 def test_colour_by_id_no_impurities():
@@ -22,7 +23,7 @@ def test_colour_by_id_no_impurities():
 
     rgb = score_plots.colour_by_id(markers, np.zeros((0, 3)))
 
-    assert np.all(rgb == 1.0)
+    assert np.all(rgb == 255)
 
 
 def test_save_score_plot_writes_png(tmp_path):
@@ -42,7 +43,7 @@ def test_save_score_plot_writes_png(tmp_path):
 
 
 def test_large_scan_reduced_for_display():
-    rgb = np.ones((3000, 4000, 3), dtype=np.float32)
+    rgb = np.full((3000, 4000, 3), 255, dtype=np.uint8)
 
     reduced = score_plots._reduce_for_display(rgb)
 
