@@ -745,7 +745,7 @@ def _replace_log_entry(log_path, entry):
             break
     else:
         entries.append(entry)
-    atomic_io.write_json(log_path, entries)
+    atomic_io.write_json_list(log_path, entries)
 
 
 def _order_key_score(entry, cluster, key):

@@ -188,3 +188,23 @@ def test_new_file_follows_umask(tmp_path):
         os.umask(previous)
 
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_json_list_one_item_per_line(tmp_path):
+    path = tmp_path / "log.json"
+
+    atomic_io.write_json_list(path, [{"a": 1}, {"b": [2, 3]}])
+
+    assert path.read_text() == '[\n{"a": 1},\n{"b": [2, 3]}\n]\n'
+    assert atomic_io.read_json(path) == [{"a": 1}, {"b": [2, 3]}]
+
+
+def test_write_json_list_empty(tmp_path):
+    atomic_io.write_json_list(tmp_path / "log.json", [])
+
+    assert atomic_io.read_json(tmp_path / "log.json") == []
+
+
+def test_write_json_list_rejects_nan(tmp_path):
+    with pytest.raises(ValueError):
+        atomic_io.write_json_list(tmp_path / "log.json", [{"score": float("nan")}])
