@@ -102,6 +102,32 @@ def atomic_path(path):
         raise
 
 
+def is_temporary(name):
+    """Tell whether a file name is one of :func:`atomic_path`'s temporary files."""
+    return name.startswith(".") and f"{TEMP_SUFFIX}." in name
+
+
+def remove_temporaries(folder):
+    """Remove the temporary files that a killed run left in ``folder``.
+
+    Only call this on a folder that no other running process writes to,
+    because its temporary files look the same.
+
+    Returns
+    -------
+    int
+        The number of files removed.
+    """
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if entry.is_file() and is_temporary(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                removed += 1
+    return removed
+
+
 def _replace(temp_path, path):
     try:
         os.replace(temp_path, path)

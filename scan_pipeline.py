@@ -245,6 +245,9 @@ def process_scan(path, config, model):
     """
     name = scan_name(path)
     scan_dir = atomic_io.ensure_dir(os.path.join(config.logs_dir, name))
+    # Only the run that processes a scan writes into its folder.
+    if atomic_io.remove_temporaries(scan_dir):
+        logger.info("%s: removed partial files left by an interrupted run", name)
 
     extraction = extract_impurities(path, config.min_threshold)
     if len(extraction.indices) == 0:

@@ -208,3 +208,20 @@ def test_write_json_list_empty(tmp_path):
 def test_write_json_list_rejects_nan(tmp_path):
     with pytest.raises(ValueError):
         atomic_io.write_json_list(tmp_path / "log.json", [{"score": float("nan")}])
+
+
+def test_remove_temporaries_only_temporary(tmp_path):
+    # The names atomic_path gives its temporary files, beside real outputs.
+    (tmp_path / ".plot.abc123.tmp.png").write_bytes(b"partial")
+    (tmp_path / ".impurities.x9.tmp.csv").write_text("id\n0")
+    (tmp_path / "plot.png").write_bytes(b"complete")
+    (tmp_path / ".hidden").write_text("")
+
+    removed = atomic_io.remove_temporaries(tmp_path)
+
+    assert removed == 2
+    assert sorted(os.listdir(tmp_path)) == [".hidden", "plot.png"]
+
+
+def test_remove_temporaries_missing_folder(tmp_path):
+    assert atomic_io.remove_temporaries(tmp_path / "absent") == 0
