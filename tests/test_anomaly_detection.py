@@ -276,7 +276,7 @@ def test_killed_run_resumes_to_same_result(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    # Only complete files remain, and the log holds every finished scan.
+    # Only complete files remain, and the log contains every finished scan.
     finished = json.loads(log_path.read_text())
     assert 2 <= len(finished) < 6
     for entry in finished:
