@@ -265,11 +265,13 @@ def execute():
         summary = scan_pipeline.run_scans(scan_paths, config, model)
         failed = summary.failed
 
+    if FLAGS.order or FLAGS.print_order:
+        ranking = scan_pipeline.rank_log(config)
     if FLAGS.order:
-        scan_pipeline.order_log(config)
+        scan_pipeline.order_log(config, ranking)
     if FLAGS.print_order:
         names = None if scan_paths is None else [scan_pipeline.scan_name(path) for path in scan_paths]
-        scan_pipeline.print_order(config, names)
+        scan_pipeline.print_order(config, names, ranking)
 
     if failed:
         logger.error("%d of %d scans failed: %s", len(failed), len(scan_paths), ", ".join(failed))

@@ -22,9 +22,6 @@ logger = logging.getLogger(__name__)
 #: Impurities with an area above this many pixels are significant.
 SIGNIFICANT_AREA_PX = 3
 
-#: Label of the background in the watershed label image.
-BACKGROUND_LABEL = 1
-
 #: Label of impurity id 0; impurity id ``i`` has label ``i + FIRST_IMPURITY_LABEL``.
 FIRST_IMPURITY_LABEL = 2
 

@@ -408,10 +408,26 @@ def _log_above_bar(bar):
 # Ranking.
 
 
-def order_log(config):
-    """Rank every cluster in the clusters log and write the ranking outputs."""
+def rank_log(config):
+    """Read the clusters log and rank its clusters by every order key.
+
+    Returns
+    -------
+    entries : list of dict
+        The clusters log.
+    ordered : dict
+        The ranking, as :func:`area_anomaly.order_clusters` returns it.
+    """
     entries = _read_log_entries(config)
-    ordered = area_anomaly.order_clusters(entries)
+    return entries, area_anomaly.order_clusters(entries)
+
+
+def order_log(config, ranking=None):
+    """Write the ranking outputs of the clusters log.
+
+    ``ranking`` is the result of :func:`rank_log`, computed here if None.
+    """
+    entries, ordered = ranking if ranking is not None else rank_log(config)
     area_anomaly.write_ordered(ordered, config.ordered_clusters_scores)
     area_anomaly.plot_order_histograms(ordered, config.order_histogram_dir)
     if config.top_ranked > 0:
@@ -420,7 +436,7 @@ def order_log(config):
     return ordered
 
 
-def print_order(config, names=None):
+def print_order(config, names=None, ranking=None):
     """Print each cluster's rank by ``config.order_key`` and write it as CSV.
 
     Parameters
@@ -428,9 +444,10 @@ def print_order(config, names=None):
     config : PipelineConfig
     names : list of str or None
         Scans to report; None reports every scan in the log.
+    ranking : tuple or None
+        The result of :func:`rank_log`, computed here if None.
     """
-    entries = _read_log_entries(config)
-    ordered = area_anomaly.order_clusters(entries)
+    entries, ordered = ranking if ranking is not None else rank_log(config)
 
     logged = {entry["scan_name"] for entry in entries}
     if names is None:
