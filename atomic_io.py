@@ -236,8 +236,8 @@ def folder_lock(folder, timeout_s=600.0, poll_s=0.2):
     the kernel releases it when the holding process exits, even on SIGKILL,
     and a lock is never left stale. The file stays in place and contains the
     process id of the last holder, for the message of a waiting run. The
-    lock is advisory and not re-entrant: a process that holds it and asks
-    again waits for itself until the timeout.
+    lock is advisory and not re-entrant, so a process that holds it and
+    requests it again waits for itself until the timeout.
 
     Parameters
     ----------

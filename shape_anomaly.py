@@ -555,10 +555,10 @@ def prepare_training_data(
         The anomaly class takes circle ratios strictly above this.
     scan_gray_levels : bool
         Draw impurity pixels in their scan gray level, as the published
-        MLography code does, instead of black (the default, which the main
-        command and the shipped model use); see the ``image`` argument of
-        :func:`impurity_crops`. Crops for scoring must be drawn the same
-        way as the training crops.
+        MLography code does. The default, False, draws them black, which
+        the main command and the shipped model use. See the ``image``
+        argument of :func:`impurity_crops`. Crops for scoring must be drawn
+        the same way as the training crops.
 
     Returns
     -------

@@ -85,17 +85,17 @@ def test_purchase_pays_price():
     assert market.clusters[0].impurities == [0, 1]
 
 
-def test_purchase_refused_without_money():
+def test_purchase_rejected_without_money():
     boxes = [row_box(0, 2), row_box(102, 104)]  # gap 100: price near exp(17)
     market = run(boxes, [0.01, 0.005], k=1)
 
     assert len(market.events) == 1
-    refused = market.events[0]
-    assert refused["status"] == NO_CHANGE
-    assert refused["impurity"] == 1
-    assert refused["price"] == pytest.approx(expected_price(100, 0.005, 0.01), rel=1e-12)
-    assert refused["price"] > wallet(0.01)
-    assert refused["wallet_after"] == pytest.approx(wallet(0.01), rel=1e-14)
+    rejected = market.events[0]
+    assert rejected["status"] == NO_CHANGE
+    assert rejected["impurity"] == 1
+    assert rejected["price"] == pytest.approx(expected_price(100, 0.005, 0.01), rel=1e-12)
+    assert rejected["price"] > wallet(0.01)
+    assert rejected["wallet_after"] == pytest.approx(wallet(0.01), rel=1e-14)
     assert market.clusters[0].impurities == [0]
 
 
